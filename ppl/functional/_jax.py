@@ -1,0 +1,183 @@
+"""The JAX backend: one jitted pass, a `fori_loop` over blocks of rows when the input is large.
+
+The loop reads each block with `dynamic_slice`, so no copy or padding of the input is made. The
+last block is shifted back to end at the last row and the rows it shares with the previous block
+are masked out. Without x64 the state is a compensated float32 sum and a two-word uint32 count
+(see `_state`); with x64 it is float64 and int64 as on the other backends.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppl.functional._state import PerplexityState, two_sum
+from ppl.functional._validation import raise_first_invalid
+
+NAME = "jax"
+
+# Bytes of one full-size temporary of a block (XLA fuses most of them away); within 64 MiB.
+BLOCK_BYTES = 1 << 24
+
+
+def _x64() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
+def _state_dtypes() -> tuple[Any, Any]:
+    return (jnp.float64, jnp.int64) if _x64() else (jnp.float32, jnp.uint32)
+
+
+def init_state(like: Any) -> PerplexityState:
+    del like
+    sum_dtype, count_dtype = _state_dtypes()
+    return PerplexityState(
+        jnp.zeros((), sum_dtype), jnp.zeros((), count_dtype), jnp.zeros((), sum_dtype),
+        jnp.zeros((), count_dtype),
+    )
+
+
+def as_state(state: PerplexityState) -> PerplexityState:
+    return state
+
+
+def where(condition: Any, a: Any, b: Any) -> jax.Array:
+    return jnp.where(condition, a, b)
+
+
+def maximum(a: Any, b: Any) -> jax.Array:
+    return jnp.maximum(a, b)
+
+
+def astype(x: Any, dtype: Any) -> jax.Array:
+    return jnp.asarray(x).astype(dtype)
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """float32 for floating inputs of at most 32 bits, float64 for float64; else None."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return None
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def shape(x: jax.Array) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def is_bool(x: jax.Array) -> bool:
+    return bool(x.dtype == jnp.bool_)
+
+
+def check_same_place(state: PerplexityState, values: jax.Array, argument: str) -> None:
+    del state, values, argument
+
+
+def accumulate(
+    values: jax.Array, kind: str, mask: jax.Array | None, validate: bool
+) -> tuple[Any, Any, Any, Any]:
+    """Returns `(perplexities_sum, sum_error, count_low, count_high)` of the rows of `values`."""
+    traced = isinstance(values, jax.core.Tracer) or isinstance(mask, jax.core.Tracer)
+    validate = validate and not traced
+    leading_shape = tuple(values.shape[:-1])
+    vocab = values.shape[-1]
+    dtype = compute_dtype(values.dtype)
+    block_rows = max(1, BLOCK_BYTES // (vocab * jnp.dtype(dtype).itemsize))
+    sum_dtype, count_dtype = _state_dtypes()
+
+    rows = values.reshape(-1, vocab)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    total, error, num_invalid = _accumulate_rows(
+        rows, flat_mask, kind=kind, block_rows=block_rows, sum_dtype=sum_dtype
+    )
+    if validate and int(num_invalid) > 0:
+        raise_first_invalid(_numpy_blocks(rows, flat_mask, dtype, block_rows), kind, leading_shape)
+
+    if flat_mask is None:
+        num_rows = rows.shape[0]
+        low_words = 2**32 if count_dtype == jnp.uint32 else 2**63
+        count_low = jnp.asarray(num_rows % low_words, count_dtype)
+        count_high = jnp.asarray(num_rows // low_words, count_dtype)
+    else:
+        count_low = flat_mask.sum(dtype=count_dtype)
+        count_high = jnp.zeros((), count_dtype)
+    return total, error, count_low, count_high
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "block_rows", "sum_dtype"))
+def _accumulate_rows(
+    rows: jax.Array, mask: jax.Array | None, *, kind: str, block_rows: int, sum_dtype: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The masked sum of the rows' perplexities as `(sum, rounding error)`, and the invalid rows."""
+    num_rows = rows.shape[0]
+    dtype = compute_dtype(rows.dtype)
+    row_perplexities = _logits_rows if kind == "logits" else _probs_rows
+
+    def block_stats(block: jax.Array, keep: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        perplexities, valid = row_perplexities(block, dtype)
+        if keep is not None:
+            # `where`, not a product: a masked row's NaN must not reach the sum.
+            perplexities = jnp.where(keep, perplexities, 0.0)
+            valid = valid | ~keep
+        return perplexities.sum(dtype=sum_dtype), jnp.sum(~valid, dtype=jnp.int32)
+
+    if num_rows <= block_rows:
+        total, num_invalid = block_stats(rows, mask)
+        return total, jnp.zeros((), sum_dtype), num_invalid
+
+    num_blocks = -(-num_rows // block_rows)
+
+    def body(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        total, error, num_invalid = carry
+        # The last block ends at the last row; its rows already counted are masked out.
+        start = jnp.minimum(i * block_rows, num_rows - block_rows)
+        block = jax.lax.dynamic_slice_in_dim(rows, start, block_rows, axis=0)
+        keep = start + jnp.arange(block_rows) >= i * block_rows
+        if mask is not None:
+            keep = keep & jax.lax.dynamic_slice_in_dim(mask, start, block_rows)
+        block_total, block_invalid = block_stats(block, keep)
+        total, new_error = two_sum(total, block_total)
+        return total, error + new_error, num_invalid + block_invalid
+
+    zero = jnp.zeros((), sum_dtype)
+    return jax.lax.fori_loop(0, num_blocks, body, (zero, zero, jnp.zeros((), jnp.int32)))
+
+
+def _logits_rows(block: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    row_max = block.max(axis=-1, keepdims=True).astype(dtype)
+    # Entropy from the log-normaliser and the expected shifted logit, s = logits - max:
+    # H = log Z - sum(exp(s) * s) / Z with Z = sum(exp(s)); every exp(s) <= 1, so nothing overflows.
+    shifted = block.astype(dtype) - row_max
+    # -inf logits: the most negative finite s gives exp(s) == 0 and exp(s) * s == 0, not NaN.
+    shifted = jnp.maximum(shifted, jnp.finfo(dtype).min)
+    weights = jnp.exp(shifted)
+    normaliser = weights.sum(axis=-1)
+    entropy = jnp.log(normaliser) - (weights * shifted).sum(axis=-1) / normaliser
+    # A finite row maximum rules out NaN, +inf and rows of only -inf at once.
+    return jnp.exp(entropy), jnp.isfinite(row_max[:, 0])
+
+
+def _probs_rows(block: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    row_sum = block.sum(axis=-1, keepdims=True, dtype=dtype)
+    normalised = block.astype(dtype) / row_sum
+    # H = -sum(q log q) with q = probs / sum(probs); log 0 = -inf becomes the most negative
+    # finite number, so that 0 * log 0 == 0.
+    log_normalised = jnp.maximum(jnp.log(normalised), jnp.finfo(dtype).min)
+    entropy = -(normalised * log_normalised).sum(axis=-1)
+    # A finite, positive sum rules out NaN and +-inf; the minimum rules out negative entries.
+    total = row_sum[:, 0]
+    valid = jnp.isfinite(total) & (total > 0) & (block.min(axis=-1) >= 0)
+    return jnp.exp(entropy), valid
+
+
+def _numpy_blocks(
+    rows: jax.Array, mask: jax.Array | None, dtype: Any, block_rows: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    for first in range(0, rows.shape[0], block_rows):
+        block = np.asarray(rows[first : first + block_rows].astype(dtype))
+        block_mask = None if mask is None else np.asarray(mask[first : first + block_rows])
+        yield first, block, block_mask
