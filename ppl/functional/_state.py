@@ -101,7 +101,8 @@ def perplexity_state_merge(*states: PerplexityState) -> PerplexityState:
             state.num_distributions_high,
             state.perplexities_sum_error,
         )
-    return merged
+    # NumPy arithmetic on 0-d arrays gives scalars, which no later call would accept as a state.
+    return backend.as_state(merged)
 
 
 def perplexity_compute(state: PerplexityState) -> Any:
