@@ -29,3 +29,28 @@ def test_a_merged_state_can_be_merged_and_updated_again(backend):
     expected = reference_perplexity(probs=probs.astype(np.float32))
     for state in (merged, merged_again, updated):
         assert float(to_numpy(ppl.perplexity_compute(state))) == pytest.approx(expected, rel=1e-6)
+
+
+SUBNORMAL_ROWS = {
+    "all subnormal": [[1e-40, 1e-40]],
+    "one entry": [[1e-40]],
+    "subnormal and zero": [[3e-39, 0.0]],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("name", SUBNORMAL_ROWS)
+def test_probs_rows_of_only_subnormal_values(backend, dtype, name):
+    # XLA treats subnormal numbers as zero. JAX raised AssertionError for such a row ("detected
+    # but could not be located"), and for a row of one entry returned NaN with validation on.
+    # NumPy and torch compute them exactly; JAX must refuse them with a clear ValueError.
+    import_backend(backend)
+    probs = np.array(SUBNORMAL_ROWS[name])
+    array = to_backend(probs, backend, dtype)
+    if backend != "jax":
+        expected = reference_perplexity(probs=to_numpy(array))
+        assert float(to_numpy(ppl.perplexity(probs=array))) == pytest.approx(expected, rel=1e-6)
+        return
+    with pytest.raises(ValueError, match=r"`probs` .*subnormal.* at index \(0,\)"):
+        ppl.perplexity(probs=array)

@@ -95,7 +95,12 @@ def accumulate(
         rows, flat_mask, kind=kind, block_rows=block_rows, sum_dtype=sum_dtype
     )
     if validate and int(num_invalid) > 0:
-        raise_first_invalid(_numpy_blocks(rows, flat_mask, dtype, block_rows), kind, leading_shape)
+        raise_first_invalid(
+            _numpy_blocks(rows, flat_mask, dtype, block_rows),
+            kind,
+            leading_shape,
+            subnormals_are_zero=True,
+        )
 
     if flat_mask is None:
         num_rows = rows.shape[0]
@@ -169,8 +174,11 @@ def _probs_rows(block: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     log_normalised = jnp.maximum(jnp.log(normalised), jnp.finfo(dtype).min)
     entropy = -(normalised * log_normalised).sum(axis=-1)
     # A finite, positive sum rules out NaN and +-inf; the minimum rules out negative entries.
+    # XLA treats subnormal numbers as zero, though not in every operation (a one-entry row's sum
+    # is its entry, unflushed, while the division flushes it): a sum of at least the smallest
+    # normal number is what guarantees a row that is not all zero to the arithmetic below.
     total = row_sum[:, 0]
-    valid = jnp.isfinite(total) & (total > 0) & (block.min(axis=-1) >= 0)
+    valid = jnp.isfinite(total) & (total >= jnp.finfo(dtype).tiny) & (block.min(axis=-1) >= 0)
     return jnp.exp(entropy), valid
 
 

@@ -8,6 +8,7 @@ first bad element, so that the error path, too, stays within the memory budget.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
@@ -18,6 +19,8 @@ def raise_first_invalid(
     blocks: Iterator[tuple[int, np.ndarray, np.ndarray | None]],
     kind: str,
     leading_shape: tuple[int, ...],
+    *,
+    subnormals_are_zero: bool = False,
 ) -> NoReturn:
     """Raises `ValueError` for the first invalid unmasked row among `blocks`.
 
@@ -27,8 +30,13 @@ def raise_first_invalid(
             of shape `[rows]` or None.
         kind: `"logits"` or `"probs"`, the argument's name.
         leading_shape: the input's shape without its last axis, to report positions in.
+        subnormals_are_zero: whether the backend treats subnormal numbers as zero (XLA does), so
+            that a probs row of only zero and subnormal entries is invalid there.
     """
-    find_problem = _logits_problem if kind == "logits" else _probs_problem
+    if kind == "logits":
+        find_problem = _logits_problem
+    else:
+        find_problem = functools.partial(_probs_problem, subnormals_are_zero=subnormals_are_zero)
     for first_row, values, mask in blocks:
         for row_in_block, row in enumerate(values):
             if mask is not None and not mask[row_in_block]:
@@ -63,7 +71,7 @@ def _logits_problem(row: np.ndarray) -> tuple[str, int | None] | None:
     return None
 
 
-def _probs_problem(row: np.ndarray) -> tuple[str, int | None] | None:
+def _probs_problem(row: np.ndarray, subnormals_are_zero: bool) -> tuple[str, int | None] | None:
     column = _first(row, lambda r: ~np.isfinite(r))
     if column is not None:
         return f"must be finite; found {row[column]}", column
@@ -74,6 +82,13 @@ def _probs_problem(row: np.ndarray) -> tuple[str, int | None] | None:
         row_sum = row.sum()
     if row_sum == 0:
         return "rows must have a positive sum; found a row that sums to 0", None
+    tiny = np.finfo(row.dtype).tiny
+    if subnormals_are_zero and not np.any(row >= tiny):
+        return (
+            f"rows must have an entry of at least {tiny} on JAX, which treats smaller (subnormal) "
+            "values as zero; found a row of only zero and subnormal values",
+            None,
+        )
     if not np.isfinite(row_sum):
         return f"rows must have a finite sum in {row.dtype}; found a row whose sum overflows", None
     return None
