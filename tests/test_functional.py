@@ -48,7 +48,7 @@ def jax_counts_are_64_bit() -> bool:
 
 
 def nemo_batches(kind: str, seed: int = 0) -> list[np.ndarray]:
-    """NeMo's test data: 10 batches of 16 x 5, probs or logits in [0, 1), or logits in [-100, 100)."""
+    """NeMo's data: 10 batches of 16 x 5, probs or logits in [0, 1), or logits in [-100, 100)."""
     rng = np.random.default_rng(seed)
     batches = [rng.uniform(0.0, 1.0, size=(16, 5)) for _ in range(10)]
     if kind == "wide-logits":
@@ -169,7 +169,7 @@ def test_leading_axes_are_all_distributions(mode):
     )
 
 
-# --- Masks -----------------------------------------------------------------------------------------
+# --- Masks ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -349,7 +349,7 @@ def test_validation_is_skipped_under_tracing_and_nan_propagates():
     assert np.isnan(float(compiled))
 
 
-# --- Blocks, accumulation and merging ------------------------------------------------------------
+# --- Blocks, accumulation and merging -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["numpy", "torch", "jax", "jax-jit"])
