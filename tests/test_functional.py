@@ -547,3 +547,19 @@ def test_row_reference_is_independent_of_the_library():
     # The reference itself against textbook values, so that agreement with it means something.
     assert np.allclose(reference_row_perplexities(probs=np.array([[0.5, 0.5, 0.0]])), 2.0)
     assert np.allclose(reference_row_perplexities(logits=np.array([[0.0, -np.inf]])), 1.0)
+
+
+def test_compiled_update_carries_a_state_across_calls():
+    update = torch.compile(
+        lambda state, logits, mask: perplexity_state_update(state, logits=logits, mask=mask),
+        fullgraph=True,
+    )
+    rng = np.random.default_rng(16)
+    batches = rng.normal(size=(4, 6, 30)).astype(np.float32)
+    masks = rng.uniform(size=(4, 6)) < 0.7
+    state = perplexity_state_init("torch")
+    for batch, mask in zip(batches, masks, strict=True):
+        state = update(state, torch.from_numpy(batch), torch.from_numpy(mask))
+    assert int(state.num_distributions) == int(masks.sum())
+    expected = reference_perplexity(logits=batches, mask=masks)
+    np.testing.assert_allclose(float(perplexity_compute(state)), expected, rtol=1e-5)
