@@ -54,3 +54,19 @@ def test_probs_rows_of_only_subnormal_values(backend, dtype, name):
         return
     with pytest.raises(ValueError, match=r"`probs` .*subnormal.* at index \(0,\)"):
         ppl.perplexity(probs=array)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("probs", [[[1e38, 1e38]], [[1e38, 2e38, 1.0]], [[3e38, 1e37]]])
+def test_probs_rows_whose_sum_is_near_the_largest_float32(backend, probs):
+    # XLA divides by a row's sum as a multiplication by its reciprocal, which for a sum above
+    # 2**126 is subnormal and so zero on XLA: JAX returned 1.0 for every such row, silently.
+    import_backend(backend)
+    array = to_backend(np.array(probs), backend, "float32")
+    expected = reference_perplexity(probs=to_numpy(array))
+    assert float(to_numpy(ppl.perplexity(probs=array))) == pytest.approx(expected, rel=1e-6)
+    if backend == "jax":
+        import jax
+
+        jitted = jax.jit(lambda p: ppl.perplexity(probs=p))
+        assert float(jitted(array)) == pytest.approx(expected, rel=1e-6)

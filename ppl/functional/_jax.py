@@ -171,7 +171,11 @@ def _logits_rows(block: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
 
 def _probs_rows(block: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     row_sum = block.sum(axis=-1, keepdims=True, dtype=dtype)
-    normalised = block.astype(dtype) / row_sum
+    # XLA divides by the sum as a multiplication by its reciprocal, which is subnormal (so zero on
+    # XLA) for a sum above 2**126. Such rows are first scaled by 2**-64, exactly (a power of two):
+    # q = (probs * c) / (sum * c) is still probs / sum.
+    scale = jnp.where(row_sum > 2.0**64, 2.0**-64, 1.0).astype(dtype)
+    normalised = (block.astype(dtype) * scale) / (row_sum * scale)
     # H = -sum(q log q) with q = probs / sum(probs); log 0 = -inf becomes the most negative
     # finite number, so that 0 * log 0 == 0.
     log_normalised = jnp.maximum(jnp.log(normalised), jnp.finfo(dtype).min)
