@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ppl
-from tests._reliability import BACKENDS, exact_count, import_backend, to_backend
+from tests._reliability import BACKENDS, dtypes_of, exact_count, import_backend, to_backend
 from tests.reference import reference_perplexity, to_numpy
 
 
@@ -70,3 +70,24 @@ def test_probs_rows_whose_sum_is_near_the_largest_float32(backend, probs):
 
         jitted = jax.jit(lambda p: ppl.perplexity(probs=p))
         assert float(jitted(array)) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_a_probs_row_whose_sum_overflows_is_nan_without_validation(backend, dtype):
+    # Refused with validation; without it (or under jit/compile, where values are not checked)
+    # the overflowing sum made every q zero and the row's perplexity 1: a plausible, wrong value.
+    import_backend(backend)
+    largest = float(np.finfo(np.float64 if dtype == "float64" else np.float32).max)
+    probs = np.array([[0.25, 0.75, 0.0], [0.6 * largest, 0.6 * largest, 0.0]])
+    if dtype not in dtypes_of(backend):
+        pytest.skip(f"{backend} has no {dtype} here (JAX without x64)")
+    array = to_backend(probs, backend, dtype)
+    with pytest.raises(ValueError, match=r"`probs` .*overflows at index \(1,\)"):
+        ppl.perplexity(probs=array)
+    unchecked = ppl.perplexity(probs=array, validate_args=False)
+    assert np.isnan(float(to_numpy(unchecked)))
+    if backend == "jax":
+        import jax
+
+        assert np.isnan(float(jax.jit(lambda p: ppl.perplexity(probs=p))(array)))
