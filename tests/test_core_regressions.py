@@ -91,3 +91,15 @@ def test_a_probs_row_whose_sum_overflows_is_nan_without_validation(backend, dtyp
         import jax
 
         assert np.isnan(float(jax.jit(lambda p: ppl.perplexity(probs=p))(array)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("probs", [[[-1.0]], [[-1.0, -3.0]]])
+def test_a_probs_row_of_negative_entries_is_nan_without_validation(backend, probs):
+    # Normalised by its negative sum, such a row became a valid-looking distribution: [-1] gave
+    # perplexity 1 and [-1, -3] that of [0.25, 0.75] with validation off.
+    import_backend(backend)
+    array = to_backend(np.array(probs), backend, "float32")
+    with pytest.raises(ValueError, match=r"`probs` must be non-negative"):
+        ppl.perplexity(probs=array)
+    assert np.isnan(float(to_numpy(ppl.perplexity(probs=array, validate_args=False))))

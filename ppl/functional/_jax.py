@@ -180,8 +180,9 @@ def _probs_rows(block: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     # finite number, so that 0 * log 0 == 0.
     log_normalised = jnp.maximum(jnp.log(normalised), jnp.finfo(dtype).min)
     entropy = -(normalised * log_normalised).sum(axis=-1)
-    # A sum that overflows makes every q zero and the entropy 0: NaN, not a perplexity of 1.
-    entropy = jnp.where(jnp.isfinite(row_sum[:, 0]), entropy, jnp.nan)
+    # A sum that overflows makes every q zero, and a negative sum (a row of negative entries)
+    # makes every q positive: either is NaN, never a plausible value.
+    entropy = jnp.where(jnp.isfinite(row_sum[:, 0]) & (row_sum[:, 0] > 0), entropy, jnp.nan)
     # A finite, positive sum rules out NaN and +-inf; the minimum rules out negative entries.
     # XLA treats subnormal numbers as zero, though not in every operation (a one-entry row's sum
     # is its entry, unflushed, while the division flushes it): a sum of at least the smallest

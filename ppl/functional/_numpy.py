@@ -139,8 +139,9 @@ def _probs_rows(
     np.maximum(log_normalised, np.finfo(dtype).min, out=log_normalised)
     np.multiply(log_normalised, normalised, out=log_normalised)
     entropy = -log_normalised.sum(axis=-1)
-    # A sum that overflows makes every q zero and the entropy 0: NaN, not a perplexity of 1.
-    entropy = np.where(np.isfinite(row_sum[:, 0]), entropy, np.nan)
+    # A sum that overflows makes every q zero, and a negative sum (a row of negative entries)
+    # makes every q positive: either is NaN, never a plausible value.
+    entropy = np.where(np.isfinite(row_sum[:, 0]) & (row_sum[:, 0] > 0), entropy, np.nan)
     valid = None
     if validate:
         # A finite, positive sum rules out NaN and +-inf (and an overflowing sum); the minimum

@@ -153,8 +153,11 @@ def _probs_rows(
     log_normalised.clamp_(min=torch.finfo(dtype).min)
     log_normalised.mul_(normalised)
     entropy = -log_normalised.sum(dim=-1)
-    # A sum that overflows makes every q zero and the entropy 0: NaN, not a perplexity of 1.
-    entropy = torch.where(torch.isfinite(row_sum[:, 0]), entropy, float("nan"))
+    # A sum that overflows makes every q zero, and a negative sum (a row of negative entries)
+    # makes every q positive: either is NaN, never a plausible value.
+    entropy = torch.where(
+        torch.isfinite(row_sum[:, 0]) & (row_sum[:, 0] > 0), entropy, float("nan")
+    )
     valid = None
     if validate:
         # A finite, positive sum rules out NaN and +-inf (and an overflowing sum); the minimum
