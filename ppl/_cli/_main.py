@@ -94,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "parity",
         help="every installed backend against a float64 reference (the default)",
         description=(
-            "Without FILEs: seeded cases (peaked, flat, -inf-masked vocabulary, bfloat16, a "
-            "padded batch, float64 probs with zeros, and NeMo's test cases) through NumPy, "
-            "PyTorch and JAX (x64 off and on), each against a float64 reference. With FILEs: "
+            "Without FILEs: seeded cases (peaked, flat, -inf-masked vocabulary, bfloat16, a\n"
+            "padded batch, float64 probs with zeros, and NeMo's test cases) through NumPy,\n"
+            "PyTorch and JAX (x64 off and on), each against a float64 reference. With FILEs:\n"
             "the same on your data. Exit status 1 when a relative difference exceeds --rtol.\n\n"
             + _INPUT_HELP
         ),
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compute",
         help="the perplexity of logits or probs stored in files",
         description=(
-            "The mean perplexity over every distribution in the FILEs, streamed shard by shard "
+            "The mean perplexity over every distribution in the FILEs, streamed shard by shard\n"
             "and block by block into one state.\n\n" + _INPUT_HELP
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -152,7 +152,7 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="mask file or directory, one mask file per input file (repeatable)",
     )
-    parser.add_argument("--mask-key", help="name of the mask inside container files")
+    parser.add_argument("--mask-key", metavar="KEY", help="name of the mask inside container files")
     parser.add_argument("--json", action="store_true", help="print JSON on stdout")
     progress = parser.add_mutually_exclusive_group()
     progress.add_argument(

@@ -47,6 +47,9 @@ BFLOAT16_NOTE = (
     "bf16: the reference is the float64 perplexity of the bfloat16-rounded input, so the "
     "difference measures ppl, not bfloat16 rounding"
 )
+BFLOAT16_FILES_NOTE = (
+    "bf16: the reference is the float64 perplexity of the bfloat16 values as stored"
+)
 
 
 @dataclass(frozen=True)
@@ -229,14 +232,14 @@ def _parity_on_files(args: argparse.Namespace, runners: list[Runner]) -> tuple[l
 
 def _notes(results: list[Result], on_files: bool) -> list[str]:
     notes = []
-    if any(result.input_dtype.find("bfloat16") >= 0 for result in results):
-        notes.append(BFLOAT16_NOTE)
+    if any("bfloat16" in result.input_dtype for result in results):
+        notes.append(BFLOAT16_FILES_NOTE if on_files else BFLOAT16_NOTE)
     by_note: dict[str, list[str]] = {}
     for result in results:
         for note in sorted(result.notes):
             by_note.setdefault(f"{result.runner}: {note}", []).append(result.case)
     for note, cases in by_note.items():
-        notes.append(note if on_files else f"{note}; in {', '.join(dict.fromkeys(cases))}")
+        notes.append(note if on_files else f"{note} [{', '.join(dict.fromkeys(cases))}]")
     if on_files:
         notes.append("time: conversion excluded; includes JAX compilation on each new shape")
     else:
