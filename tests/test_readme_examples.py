@@ -1,4 +1,4 @@
-"""Runs every ```python block of docs/readme-issue-3.md, in order, in one namespace."""
+"""Runs every ```python block of README.md, in order, in one namespace."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "docs" / "readme-issue-3.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
