@@ -26,7 +26,8 @@ BLOCK_BYTES = 1 << 24
 
 
 def _x64() -> bool:
-    return bool(jax.config.jax_enable_x64)
+    # float64 survives canonicalisation only when x64 is enabled.
+    return bool(jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64)
 
 
 def _state_dtypes() -> tuple[Any, Any]:
@@ -37,7 +38,9 @@ def init_state(like: Any) -> PerplexityState:
     del like
     sum_dtype, count_dtype = _state_dtypes()
     return PerplexityState(
-        jnp.zeros((), sum_dtype), jnp.zeros((), count_dtype), jnp.zeros((), sum_dtype),
+        jnp.zeros((), sum_dtype),
+        jnp.zeros((), count_dtype),
+        jnp.zeros((), sum_dtype),
         jnp.zeros((), count_dtype),
     )
 

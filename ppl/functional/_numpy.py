@@ -20,7 +20,9 @@ BLOCK_BYTES = 1 << 19
 def init_state(like: Any) -> PerplexityState:
     del like
     return PerplexityState(
-        np.zeros((), np.float64), np.zeros((), np.int64), np.zeros((), np.float64),
+        np.zeros((), np.float64),
+        np.zeros((), np.int64),
+        np.zeros((), np.float64),
         np.zeros((), np.int64),
     )
 

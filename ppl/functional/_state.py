@@ -164,7 +164,7 @@ def add_to_state(
     # The low word wraps modulo 2**32 when it is uint32; a wrap shows as a smaller result.
     carry = backend.astype(new_low < state.num_distributions, new_low.dtype)
     new_high = state.num_distributions_high + count_high + carry
-    return PerplexityState(new_sum, new_low, new_error, new_high)
+    return backend.as_state(PerplexityState(new_sum, new_low, new_error, new_high))
 
 
 def check_state(state: Any, name: str) -> Any:

@@ -74,8 +74,7 @@ def perplexity_state_update(
     perplexities_sum, sum_error, count_low, count_high = backend.accumulate(
         values, kind, mask, validate_args
     )
-    updated = add_to_state(state, backend, perplexities_sum, count_low, count_high, sum_error)
-    return backend.as_state(updated)
+    return add_to_state(state, backend, perplexities_sum, count_low, count_high, sum_error)
 
 
 def perplexity(
@@ -121,9 +120,7 @@ def _check_values(values: Any, kind: str, backend: Any) -> None:
             f"`{kind}` must have at least one axis (the distribution's); got a 0-d array."
         )
     if shape[-1] == 0:
-        raise ValueError(
-            f"`{kind}` must have a last axis of size at least 1; got shape {shape}."
-        )
+        raise ValueError(f"`{kind}` must have a last axis of size at least 1; got shape {shape}.")
     if backend.compute_dtype(values.dtype) is None:
         raise TypeError(
             f"`{kind}` must have a floating dtype (float16, bfloat16, float32 or float64); "
