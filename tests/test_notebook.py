@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +30,6 @@ def test_tutorial_is_stored_with_outputs():
 
 
 def test_tutorial_runs_top_to_bottom(monkeypatch):
-    # The metric object's section needs ppl.stateful; until that package is merged, say so.
-    if not (ROOT / "ppl" / "stateful" / "__init__.py").is_file():
-        pytest.skip("ppl.stateful is not in this tree yet; the tutorial's metric section needs it")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
