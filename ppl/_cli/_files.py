@@ -217,11 +217,9 @@ def open_shard(shard: Shard, options: ReadOptions) -> OpenShard:
     mask = None
     mask_source = None
     if options.use_mask:
+        # Without --mask, `use_mask` means --mask-key: the mask is inside the input file.
         mask_path = shard.mask_path or shard.path
-        mask_key = options.mask_key
-        if shard.mask_path is None and mask_key is None:
-            raise CliError("--mask-key is needed to read a mask from the input files themselves")
-        mask, mask_key = read_array(mask_path, mask_key, "mask")
+        mask, mask_key = read_array(mask_path, options.mask_key, "mask")
         mask_source = _describe(mask_path, mask_key)
         _check_mask(mask, mask_source, values, _describe(shard.path, key), options.kind)
     return OpenShard(shard.path, key, values, mask, mask_source, options.block_bytes)
