@@ -9,6 +9,7 @@ from ppl.functional import (
     perplexity_compute,
     perplexity_state_init,
     perplexity_state_merge,
+    perplexity_state_psum,
     perplexity_state_update,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "perplexity_compute",
     "perplexity_state_init",
     "perplexity_state_merge",
+    "perplexity_state_psum",
     "perplexity_state_update",
 ]

@@ -5,6 +5,7 @@ with `perplexity_state_merge` and turned into a value with `perplexity_compute`;
 all of it at once. The backend is chosen from the type of the arrays passed in.
 """
 
+from ppl.functional._psum import perplexity_state_psum
 from ppl.functional._state import (
     PerplexityState,
     perplexity_compute,
@@ -19,5 +20,6 @@ __all__ = [
     "perplexity_compute",
     "perplexity_state_init",
     "perplexity_state_merge",
+    "perplexity_state_psum",
     "perplexity_state_update",
 ]
