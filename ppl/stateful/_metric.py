@@ -317,6 +317,10 @@ class Perplexity(torch.nn.Module):
                     f"`{key}` must be a 0-d {_FIELD_DTYPES[name]} tensor; got {_describe(value)}."
                 )
                 continue
+            problem = _value_problem(name, value, self.validate_args)
+            if problem is not None:
+                error_msgs.append(f"`{key}` {problem}")
+                continue
             loaded[name] = value
         if len(loaded) != len(_FIELDS):
             return
@@ -340,6 +344,22 @@ def _moved(state: PerplexityState, fn: Callable[[torch.Tensor], torch.Tensor]) -
             converted = value.to(device=converted.device)
         fields.append(converted)
     return PerplexityState(*fields)
+
+
+def _value_problem(name: str, value: torch.Tensor, validate_args: bool) -> str | None:
+    """Why a loaded state value cannot be a metric's, or None: a corrupt checkpoint is refused."""
+    if name.startswith("num_distributions"):
+        if int(value) < 0:
+            return f"must be a count of at least 0; got {int(value)} (is the checkpoint corrupt?)."
+        return None
+    # With validation on, no update can make a sum NaN or infinite; with it off, NaN is expected.
+    if validate_args and not bool(torch.isfinite(value)):
+        return (
+            f"must be finite; got {float(value)}. The metric that saved it ran with "
+            f"validate_args=False, or the checkpoint is corrupt; load it into a metric with "
+            f"validate_args=False to keep it."
+        )
+    return None
 
 
 def _describe(value: Any) -> str:
