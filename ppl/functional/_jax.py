@@ -1,8 +1,10 @@
-"""The JAX backend: one jitted pass, a `fori_loop` over blocks of rows when the input is large.
+"""The JAX backend: one jitted pass, a `fori_loop` over blocks of rows when there are many rows.
 
-The loop reads each block with `dynamic_slice`, so no copy or padding of the input is made. The
-last block is shifted back to end at the last row and the rows it shares with the previous block
-are masked out. Without x64 the state is a compensated float32 sum and a two-word uint32 count
+XLA fuses each row reduction with the elementwise work feeding it, so one pass over the rows keeps
+only per-row values. With more than `ROW_LIMIT` rows those would grow with the input, and the rows
+are taken in blocks: the loop reads each with `dynamic_slice` (no padding of the input); the last
+block is shifted back to end at the last row and the rows it shares with the previous block are
+masked out. Without x64 the state is a compensated float32 sum and a two-word uint32 count
 (see `_state`); with x64 it is float64 and int64 as on the other backends.
 """
 
@@ -21,12 +23,15 @@ from ppl.functional._validation import raise_first_invalid
 
 NAME = "jax"
 
-# Bytes of one full-size temporary of a block (XLA fuses most of them away); within 64 MiB.
+# Rows taken in one pass; their per-row values (a few floats each) stay within a few MiB.
+ROW_LIMIT = 1 << 18
+# Bytes of one block of rows when there are more than ROW_LIMIT rows: XLA copies the block out of
+# the input (a dynamic slice), so this bounds that copy; within the 64 MiB budget.
 BLOCK_BYTES = 1 << 24
 
 
 def _x64() -> bool:
-    return bool(jax.config.jax_enable_x64)
+    return bool(jax.config.read("jax_enable_x64"))
 
 
 def _state_dtypes() -> tuple[Any, Any]:
@@ -37,7 +42,9 @@ def init_state(like: Any) -> PerplexityState:
     del like
     sum_dtype, count_dtype = _state_dtypes()
     return PerplexityState(
-        jnp.zeros((), sum_dtype), jnp.zeros((), count_dtype), jnp.zeros((), sum_dtype),
+        jnp.zeros((), sum_dtype),
+        jnp.zeros((), count_dtype),
+        jnp.zeros((), sum_dtype),
         jnp.zeros((), count_dtype),
     )
 
@@ -86,10 +93,15 @@ def accumulate(
     leading_shape = tuple(values.shape[:-1])
     vocab = values.shape[-1]
     dtype = compute_dtype(values.dtype)
-    block_rows = max(1, BLOCK_BYTES // (vocab * jnp.dtype(dtype).itemsize))
+    rows = values.reshape(-1, vocab)
+    num_rows = rows.shape[0]
+    # One pass over all rows keeps nothing full-size, only per-row values; beyond ROW_LIMIT rows
+    # those would outgrow the budget, so the rows are then taken in blocks.
+    block_rows = num_rows
+    if num_rows > ROW_LIMIT:
+        block_rows = min(ROW_LIMIT, max(1, BLOCK_BYTES // (vocab * jnp.dtype(dtype).itemsize)))
     sum_dtype, count_dtype = _state_dtypes()
 
-    rows = values.reshape(-1, vocab)
     flat_mask = None if mask is None else mask.reshape(-1)
     total, error, num_invalid = _accumulate_rows(
         rows, flat_mask, kind=kind, block_rows=block_rows, sum_dtype=sum_dtype
@@ -98,7 +110,6 @@ def accumulate(
         raise_first_invalid(_numpy_blocks(rows, flat_mask, dtype, block_rows), kind, leading_shape)
 
     if flat_mask is None:
-        num_rows = rows.shape[0]
         low_words = 2**32 if count_dtype == jnp.uint32 else 2**63
         count_low = jnp.asarray(num_rows % low_words, count_dtype)
         count_high = jnp.asarray(num_rows // low_words, count_dtype)
@@ -151,26 +162,31 @@ def _logits_rows(block: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     row_max = block.max(axis=-1, keepdims=True).astype(dtype)
     # Entropy from the log-normaliser and the expected shifted logit, s = logits - max:
     # H = log Z - sum(exp(s) * s) / Z with Z = sum(exp(s)); every exp(s) <= 1, so nothing overflows.
-    shifted = block.astype(dtype) - row_max
+    normaliser = jnp.exp(block.astype(dtype) - row_max).sum(axis=-1)
+    # XLA would share `block - row_max` (and a half-precision block's upcast) between the two sums
+    # and so write it out full-size; behind the barrier each sum recomputes it inside its own
+    # fused pass, and nothing full-size is kept.
+    block, row_max = jax.lax.optimization_barrier((block, row_max))
     # -inf logits: the most negative finite s gives exp(s) == 0 and exp(s) * s == 0, not NaN.
-    shifted = jnp.maximum(shifted, jnp.finfo(dtype).min)
-    weights = jnp.exp(shifted)
-    normaliser = weights.sum(axis=-1)
-    entropy = jnp.log(normaliser) - (weights * shifted).sum(axis=-1) / normaliser
+    shifted = jnp.maximum(block.astype(dtype) - row_max, jnp.finfo(dtype).min)
+    weighted = (jnp.exp(shifted) * shifted).sum(axis=-1)
+    entropy = jnp.log(normaliser) - weighted / normaliser
     # A finite row maximum rules out NaN, +inf and rows of only -inf at once.
     return jnp.exp(entropy), jnp.isfinite(row_max[:, 0])
 
 
 def _probs_rows(block: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     row_sum = block.sum(axis=-1, keepdims=True, dtype=dtype)
+    # A finite, positive sum rules out NaN and +-inf; the minimum rules out negative entries.
+    total = row_sum[:, 0]
+    valid = jnp.isfinite(total) & (total > 0) & (block.min(axis=-1) >= 0)
+    # As for logits: the barrier keeps a half-precision block's upcast inside each fused pass.
+    block, row_sum = jax.lax.optimization_barrier((block, row_sum))
     normalised = block.astype(dtype) / row_sum
     # H = -sum(q log q) with q = probs / sum(probs); log 0 = -inf becomes the most negative
     # finite number, so that 0 * log 0 == 0.
     log_normalised = jnp.maximum(jnp.log(normalised), jnp.finfo(dtype).min)
     entropy = -(normalised * log_normalised).sum(axis=-1)
-    # A finite, positive sum rules out NaN and +-inf; the minimum rules out negative entries.
-    total = row_sum[:, 0]
-    valid = jnp.isfinite(total) & (total > 0) & (block.min(axis=-1) >= 0)
     return jnp.exp(entropy), valid
 
 

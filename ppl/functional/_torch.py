@@ -18,11 +18,10 @@ from ppl.functional._validation import raise_first_invalid
 
 NAME = "torch"
 
-# Bytes of one full-size temporary of a block in eager mode (two are live at once): cache-sized.
+# Bytes of one full-size buffer of a block in eager mode (two are live at once): cache-sized.
 BLOCK_BYTES = 1 << 20
-# Under torch.compile the loop over blocks is unrolled into the graph, so blocks are larger there:
-# the temporaries of one block stay within the 64 MiB budget.
-COMPILED_BLOCK_BYTES = 1 << 24
+# Rows whose per-row statistics are kept at once; float32 and a few of them, a few MiB at most.
+CHUNK_ROWS = 1 << 16
 
 
 def init_state(like: Any) -> PerplexityState:
@@ -88,30 +87,148 @@ def accumulate(
     flat_mask = None if mask is None else mask.reshape(-1)
     dtype = compute_dtype(values.dtype)
     assert dtype is not None
-    itemsize = torch.finfo(dtype).bits // 8
-    block_bytes = COMPILED_BLOCK_BYTES if compiling else BLOCK_BYTES
-    block_rows = max(1, block_bytes // (vocab * itemsize))
-    row_perplexities = _logits_rows if kind == "logits" else _probs_rows
 
-    total = torch.zeros((), dtype=torch.float64, device=values.device)
-    num_invalid = torch.zeros((), dtype=torch.int64, device=values.device)
     with torch.no_grad():
-        for start in range(0, rows.shape[0], block_rows):
-            block = rows[start : start + block_rows]
-            block_mask = None if flat_mask is None else flat_mask[start : start + block_rows]
-            perplexities, valid = row_perplexities(block, dtype, validate)
-            if valid is not None:
-                invalid = ~valid if block_mask is None else ~valid & block_mask
-                num_invalid = num_invalid + invalid.sum()
-            if block_mask is not None:
-                # `where`, not a product: a masked row's NaN must not reach the sum.
-                perplexities = torch.where(block_mask, perplexities, 0.0)
-            total = total + perplexities.sum(dtype=torch.float64)
+        if compiling:
+            total = _compiled_total(rows, flat_mask, kind, dtype)
+            num_invalid = None
+            block_rows = rows.shape[0]
+        else:
+            total, num_invalid, block_rows = _eager_total(rows, flat_mask, kind, dtype, validate)
 
-    if validate and bool(num_invalid > 0):
+    # The one host sync of a validating update; without validation nothing is read back.
+    if num_invalid is not None and bool(num_invalid > 0):
         raise_first_invalid(_numpy_blocks(rows, flat_mask, dtype, block_rows), kind, leading_shape)
     count = rows.shape[0] if flat_mask is None else flat_mask.sum()
     return total, 0.0, count, 0
+
+
+def _compiled_total(
+    rows: torch.Tensor, mask: torch.Tensor | None, kind: str, dtype: torch.dtype
+) -> torch.Tensor:
+    # Inductor fuses each chunk's whole pass into one kernel that keeps no full-size temporary,
+    # only per-row values; chunks bound those (the loop is unrolled into the graph).
+    row_perplexities = _logits_row_perplexities if kind == "logits" else _probs_row_perplexities
+    total = torch.zeros((), dtype=torch.float64, device=rows.device)
+    for start in range(0, rows.shape[0], CHUNK_ROWS):
+        chunk = rows[start : start + CHUNK_ROWS]
+        perplexities = row_perplexities(chunk, dtype)
+        if mask is not None:
+            # `where`, not a product: a masked row's NaN must not reach the sum.
+            perplexities = torch.where(mask[start : start + CHUNK_ROWS], perplexities, 0.0)
+        total = total + perplexities.sum(dtype=torch.float64)
+    return total
+
+
+def _logits_row_perplexities(chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    row_max = chunk.amax(dim=-1, keepdim=True).to(dtype)
+    # Entropy from the log-normaliser and the expected shifted logit, s = logits - max:
+    # H = log Z - sum(exp(s) * s) / Z with Z = sum(exp(s)); every exp(s) <= 1, so nothing overflows.
+    # -inf logits: the most negative finite s gives exp(s) == 0 and exp(s) * s == 0, not NaN.
+    shifted = (chunk.to(dtype) - row_max).clamp(min=torch.finfo(dtype).min)
+    weights = shifted.exp()
+    normaliser = weights.sum(dim=-1)
+    return (normaliser.log() - (weights * shifted).sum(dim=-1) / normaliser).exp()
+
+
+def _probs_row_perplexities(chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    values = chunk.to(dtype)
+    normalised = values / values.sum(dim=-1, keepdim=True)
+    # H = -sum(q log q) with q = probs / sum(probs); xlogy(0, 0) == 0 gives 0 log 0 == 0.
+    return (-torch.special.xlogy(normalised, normalised).sum(dim=-1)).exp()
+
+
+def _eager_total(
+    rows: torch.Tensor, mask: torch.Tensor | None, kind: str, dtype: torch.dtype, validate: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The masked sum of the rows' perplexities, the number of invalid unmasked rows, block rows.
+
+    Each op runs over a cache-sized block and writes into buffers allocated once per call, so no
+    block pays for fresh (page-faulting) memory. Per-row statistics are gathered for a chunk of
+    rows and turned into perplexities there, so the small per-row ops run once a chunk, not once a
+    block.
+    """
+    num_rows, vocab = rows.shape
+    itemsize = torch.finfo(dtype).bits // 8
+    block_rows = min(num_rows, max(1, BLOCK_BYTES // (vocab * itemsize)))
+    chunk_rows = min(num_rows, block_rows * max(1, CHUNK_ROWS // block_rows))
+    device = rows.device
+    first = torch.empty((block_rows, vocab), dtype=dtype, device=device)
+    second = None
+    if kind == "logits":
+        second = torch.empty((block_rows, vocab), dtype=dtype, device=device)
+    # Per-row statistics of a chunk: [0] the normaliser (or row sum), [1] the weighted sum (or
+    # the negated entropy), [2] the row maximum (or minimum) for validation.
+    stats = torch.empty((3, chunk_rows), dtype=dtype, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    num_invalid = torch.zeros((), dtype=torch.int64, device=device) if validate else None
+
+    for chunk_start in range(0, num_rows, chunk_rows):
+        chunk_end = min(num_rows, chunk_start + chunk_rows)
+        for start in range(chunk_start, chunk_end, block_rows):
+            end = min(chunk_end, start + block_rows)
+            block = rows[start:end]
+            row_stats = stats[:, start - chunk_start : end - chunk_start]
+            if second is None:
+                _probs_block(block, first[: end - start], row_stats, validate)
+            else:
+                _logits_block(block, first[: end - start], second[: end - start], row_stats)
+        size = chunk_end - chunk_start
+        normaliser, weighted, extreme = stats[0, :size], stats[1, :size], stats[2, :size]
+        if second is None:
+            # The block wrote -H into `weighted`: perplexity = exp(-(-H)).
+            perplexities = weighted.neg().exp_()
+            valid = None
+            if validate:
+                valid = torch.isfinite(normaliser) & (normaliser > 0) & (extreme >= 0)
+        else:
+            # exp(H) with H = log Z - S / Z.
+            perplexities = normaliser.log().sub_(weighted / normaliser).exp_()
+            # A finite row maximum rules out NaN, +inf and rows of only -inf at once.
+            valid = torch.isfinite(extreme) if validate else None
+        chunk_mask = None if mask is None else mask[chunk_start:chunk_end]
+        if valid is not None and num_invalid is not None:
+            invalid = ~valid if chunk_mask is None else ~valid & chunk_mask
+            num_invalid += invalid.sum()
+        if chunk_mask is not None:
+            # `where`, not a product: a masked row's NaN must not reach the sum.
+            perplexities = torch.where(chunk_mask, perplexities, 0.0)
+        total += perplexities.sum(dtype=torch.float64)
+    return total, num_invalid, block_rows
+
+
+def _logits_block(
+    block: torch.Tensor, shifted: torch.Tensor, weights: torch.Tensor, row_stats: torch.Tensor
+) -> None:
+    row_max = torch.amax(block, dim=-1, keepdim=True)
+    row_stats[2] = row_max[:, 0]
+    # Entropy from the log-normaliser and the expected shifted logit, s = logits - max:
+    # H = log Z - sum(exp(s) * s) / Z with Z = sum(exp(s)); every exp(s) <= 1, so nothing overflows.
+    # A float32 maximum makes the subtraction float32, so half precision is promoted a block at a
+    # time, into the buffer.
+    torch.sub(block, row_max.to(shifted.dtype), out=shifted)
+    torch.exp(shifted, out=weights)
+    torch.sum(weights, dim=-1, out=row_stats[0])
+    weights.mul_(shifted)
+    # A -inf logit gives exp(s) * s = 0 * -inf = NaN, its true limit being 0: nansum drops it. No
+    # other NaN is lost: NaN or +inf in a row makes its maximum, hence s and Z, NaN already.
+    torch.nansum(weights, dim=-1, out=row_stats[1])
+
+
+def _probs_block(
+    block: torch.Tensor, normalised: torch.Tensor, row_stats: torch.Tensor, validate: bool
+) -> None:
+    row_sum = row_stats[0]
+    torch.sum(block, dim=-1, dtype=normalised.dtype, out=row_sum)
+    torch.div(block, row_sum[:, None], out=normalised)
+    # H = -sum(q log q) with q = probs / sum(probs); xlogy(0, 0) == 0 gives 0 log 0 == 0, and a
+    # NaN q stays NaN.
+    torch.special.xlogy(normalised, normalised, out=normalised)
+    torch.sum(normalised, dim=-1, out=row_stats[1])
+    if validate:
+        # A finite, positive sum rules out NaN and +-inf (and an overflowing sum); the minimum
+        # rules out negative entries.
+        row_stats[2] = torch.amin(block, dim=-1)
 
 
 def _numpy_blocks(
@@ -121,42 +238,3 @@ def _numpy_blocks(
         block = rows[first : first + block_rows].to(dtype).cpu().numpy()
         block_mask = None if mask is None else mask[first : first + block_rows].cpu().numpy()
         yield first, block, block_mask
-
-
-def _logits_rows(
-    block: torch.Tensor, dtype: torch.dtype, validate: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    row_max = block.amax(dim=-1, keepdim=True)
-    # Entropy from the log-normaliser and the expected shifted logit, s = logits - max:
-    # H = log Z - sum(exp(s) * s) / Z with Z = sum(exp(s)); every exp(s) <= 1, so nothing overflows.
-    # Subtracting a float32 maximum promotes a half-precision block one block at a time.
-    shifted = torch.sub(block, row_max.to(dtype))
-    # -inf logits: the most negative finite s gives exp(s) == 0 and exp(s) * s == 0, not NaN.
-    shifted.clamp_(min=torch.finfo(dtype).min)
-    weights = shifted.exp()
-    normaliser = weights.sum(dim=-1)
-    weights.mul_(shifted)
-    entropy = normaliser.log() - weights.sum(dim=-1) / normaliser
-    # A finite row maximum rules out NaN, +inf and rows of only -inf at once.
-    valid = torch.isfinite(row_max[:, 0]) if validate else None
-    return entropy.exp(), valid
-
-
-def _probs_rows(
-    block: torch.Tensor, dtype: torch.dtype, validate: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    row_sum = block.sum(dim=-1, keepdim=True, dtype=dtype)
-    normalised = block / row_sum
-    # H = -sum(q log q) with q = probs / sum(probs); log 0 = -inf becomes the most negative
-    # finite number, so that 0 * log 0 == 0.
-    log_normalised = normalised.log()
-    log_normalised.clamp_(min=torch.finfo(dtype).min)
-    log_normalised.mul_(normalised)
-    entropy = -log_normalised.sum(dim=-1)
-    valid = None
-    if validate:
-        # A finite, positive sum rules out NaN and +-inf (and an overflowing sum); the minimum
-        # rules out negative entries.
-        total = row_sum[:, 0]
-        valid = torch.isfinite(total) & (total > 0) & (block.amin(dim=-1) >= 0)
-    return entropy.exp(), valid
