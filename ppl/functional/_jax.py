@@ -31,7 +31,8 @@ BLOCK_BYTES = 1 << 24
 
 
 def _x64() -> bool:
-    return bool(jax.config.read("jax_enable_x64"))
+    # float64 survives canonicalisation only when x64 is enabled.
+    return bool(jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64)
 
 
 def _state_dtypes() -> tuple[Any, Any]:
