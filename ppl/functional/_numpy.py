@@ -120,11 +120,17 @@ def _blocks(
 def _logits_rows(
     block: np.ndarray, shifted: np.ndarray, weights: np.ndarray, validate: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    row_max = block.max(axis=-1, keepdims=True)
+    if block.dtype == shifted.dtype:
+        row_max = block.max(axis=-1, keepdims=True)
+        np.subtract(block, row_max, out=shifted)
+    else:
+        # float16 is promoted into the buffer first: NumPy's float16 reductions are emulated and
+        # several times slower than the conversion.
+        np.copyto(shifted, block)
+        row_max = shifted.max(axis=-1, keepdims=True)
+        np.subtract(shifted, row_max, out=shifted)
     # Entropy from the log-normaliser and the expected shifted logit, s = logits - max:
     # H = log Z - sum(exp(s) * s) / Z with Z = sum(exp(s)); every exp(s) <= 1, so nothing overflows.
-    # dtype= makes the float32 loop run on a float16 block: the block is promoted as it is read.
-    np.subtract(block, row_max, out=shifted, dtype=shifted.dtype)
     # -inf logits: the most negative finite s gives exp(s) == 0 and exp(s) * s == 0, not NaN.
     np.maximum(shifted, np.finfo(shifted.dtype).min, out=shifted)
     np.exp(shifted, out=weights)
@@ -139,18 +145,23 @@ def _logits_rows(
 def _probs_rows(
     block: np.ndarray, normalised: np.ndarray, log_normalised: np.ndarray, validate: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    row_sum = block.sum(axis=-1, keepdims=True, dtype=normalised.dtype)
-    np.divide(block, row_sum, out=normalised, dtype=normalised.dtype)
+    values = block
+    if block.dtype != normalised.dtype:
+        # float16 is promoted into the buffer first, as for logits.
+        np.copyto(normalised, block)
+        values = normalised
+    row_sum = values.sum(axis=-1, keepdims=True)
+    valid = None
+    if validate:
+        # A finite, positive sum rules out NaN and +-inf (and an overflowing sum); the minimum
+        # rules out negative entries.
+        total = row_sum[:, 0]
+        valid = np.isfinite(total) & (total > 0) & (values.min(axis=-1) >= 0)
+    np.divide(values, row_sum, out=normalised)
     # H = -sum(q log q) with q = probs / sum(probs); log 0 = -inf becomes the most negative
     # finite number, so that 0 * log 0 == 0.
     np.log(normalised, out=log_normalised)
     np.maximum(log_normalised, np.finfo(normalised.dtype).min, out=log_normalised)
     np.multiply(log_normalised, normalised, out=log_normalised)
     entropy = -log_normalised.sum(axis=-1)
-    valid = None
-    if validate:
-        # A finite, positive sum rules out NaN and +-inf (and an overflowing sum); the minimum
-        # rules out negative entries.
-        total = row_sum[:, 0]
-        valid = np.isfinite(total) & (total > 0) & (block.min(axis=-1) >= 0)
     return np.exp(entropy), valid

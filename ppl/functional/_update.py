@@ -121,9 +121,7 @@ def _check_values(values: Any, kind: str, backend: Any) -> None:
             f"`{kind}` must have at least one axis (the distribution's); got a 0-d array."
         )
     if shape[-1] == 0:
-        raise ValueError(
-            f"`{kind}` must have a last axis of size at least 1; got shape {shape}."
-        )
+        raise ValueError(f"`{kind}` must have a last axis of size at least 1; got shape {shape}.")
     if backend.compute_dtype(values.dtype) is None:
         raise TypeError(
             f"`{kind}` must have a floating dtype (float16, bfloat16, float32 or float64); "

@@ -37,7 +37,9 @@ def raise_first_invalid(
             if problem is None:
                 continue
             message, column = problem
-            index = np.unravel_index(first_row + row_in_block, leading_shape) if leading_shape else ()
+            index = (
+                np.unravel_index(first_row + row_in_block, leading_shape) if leading_shape else ()
+            )
             position = tuple(int(i) for i in index)
             if column is not None:
                 position += (column,)
