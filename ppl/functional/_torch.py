@@ -20,6 +20,10 @@ NAME = "torch"
 
 # Bytes of one full-size buffer of a block in eager mode (two are live at once): cache-sized.
 BLOCK_BYTES = 1 << 20
+# The same on an accelerator, where each op is a kernel launch and there is no cache to fit: blocks
+# large enough that launches do not dominate, two buffers still within the 64 MiB budget. Not yet
+# measured on a GPU.
+DEVICE_BLOCK_BYTES = 1 << 24
 # Rows whose per-row statistics are kept at once; float32 and a few of them, a few MiB at most.
 CHUNK_ROWS = 1 << 16
 
@@ -150,7 +154,8 @@ def _eager_total(
     """
     num_rows, vocab = rows.shape
     itemsize = torch.finfo(dtype).bits // 8
-    block_rows = min(num_rows, max(1, BLOCK_BYTES // (vocab * itemsize)))
+    block_bytes = BLOCK_BYTES if rows.device.type == "cpu" else DEVICE_BLOCK_BYTES
+    block_rows = min(num_rows, max(1, block_bytes // (vocab * itemsize)))
     chunk_rows = min(num_rows, block_rows * max(1, CHUNK_ROWS // block_rows))
     device = rows.device
     first = torch.empty((block_rows, vocab), dtype=dtype, device=device)
