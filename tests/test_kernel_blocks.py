@@ -54,8 +54,8 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_numpy, "BLOCK_BYTES", 256)
     monkeypatch.setattr(_torch, "BLOCK_BYTES", 256)
     monkeypatch.setattr(_torch, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(_torch, "SMALL_BYTES", 0)
     monkeypatch.setattr(_jax, "BLOCK_BYTES", 256)
-    monkeypatch.setattr(_jax, "ROW_LIMIT", 8)
 
 
 TORCH_DTYPES = {
@@ -97,11 +97,19 @@ CASES = [
 ]
 
 
-@pytest.mark.usefixtures("small_blocks")
-@pytest.mark.parametrize(("backend", "dtype"), CASES)
+@pytest.mark.parametrize(
+    ("backend", "dtype", "blocks"),
+    [(backend, dtype, "small blocks") for backend, dtype in CASES]
+    + [("torch", dtype, "one small pass") for dtype in TORCH_DTYPES],
+)
 @pytest.mark.parametrize("kind", ["logits", "probs"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_blocked_eager_matches_reference(backend: str, dtype: str, kind: str, masked: bool) -> None:
+def test_eager_matches_reference(
+    backend: str, dtype: str, blocks: str, kind: str, masked: bool, request: pytest.FixtureRequest
+) -> None:
+    # "one small pass": torch's path for inputs of at most SMALL_BYTES, which every shape is.
+    if blocks == "small blocks":
+        request.getfixturevalue("small_blocks")
     if backend == "jax" and dtype == "float64" and not jax.config.jax_enable_x64:
         pytest.skip("float64 JAX arrays need x64")
     for seed, shape in enumerate(SHAPES):
@@ -114,10 +122,14 @@ def test_blocked_eager_matches_reference(backend: str, dtype: str, kind: str, ma
         np.testing.assert_allclose(float(got), expected, rtol=rtol, err_msg=f"shape {shape}")
 
 
-@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("blocks", ["small blocks", "default blocks"])
 @pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
 @pytest.mark.parametrize("kind", ["logits", "probs"])
-def test_blocked_validation_finds_first_bad_row(backend: str, kind: str) -> None:
+def test_validation_finds_first_bad_row(
+    backend: str, kind: str, blocks: str, request: pytest.FixtureRequest
+) -> None:
+    if blocks == "small blocks":
+        request.getfixturevalue("small_blocks")
     shape = (5, 7, 6)
     raw = _logits(shape, 3, with_neg_inf=False) if kind == "logits" else _probs(shape, 3)
     raw[3, 4, 2] = np.nan

@@ -24,6 +24,8 @@ BLOCK_BYTES = 1 << 20
 # large enough that launches do not dominate, two buffers still within the 64 MiB budget. Not yet
 # measured on a GPU.
 DEVICE_BLOCK_BYTES = 1 << 24
+# Inputs up to this many bytes (as float32) take one short functional pass instead of the blocks.
+SMALL_BYTES = 1 << 16
 # Rows whose per-row statistics are kept at once; float32 and a few of them, a few MiB at most.
 CHUNK_ROWS = 1 << 16
 
@@ -92,10 +94,14 @@ def accumulate(
     dtype = compute_dtype(values.dtype)
     assert dtype is not None
 
+    itemsize = torch.finfo(dtype).bits // 8
     with torch.no_grad():
         if compiling:
             total = _compiled_total(rows, flat_mask, kind, dtype)
             num_invalid = None
+            block_rows = rows.shape[0]
+        elif rows.numel() * itemsize <= SMALL_BYTES:
+            total, num_invalid = _small_total(rows, flat_mask, kind, dtype, validate)
             block_rows = rows.shape[0]
         else:
             total, num_invalid, block_rows = _eager_total(rows, flat_mask, kind, dtype, validate)
@@ -124,7 +130,33 @@ def _compiled_total(
     return total
 
 
-def _logits_row_perplexities(chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _small_total(
+    rows: torch.Tensor, mask: torch.Tensor | None, kind: str, dtype: torch.dtype, validate: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # An input of a few KiB: the fewest ops (each costs microseconds of dispatch); temporaries of
+    # this size come from the allocator's free lists, without page faults.
+    if kind == "logits":
+        perplexities, row_max = _logits_row_perplexities(rows, dtype, with_max=True)
+        # A finite row maximum rules out NaN, +inf and rows of only -inf at once.
+        valid = torch.isfinite(row_max) if validate else None
+    else:
+        perplexities = _probs_row_perplexities(rows, dtype)
+        valid = None
+        if validate:
+            row_sum = rows.sum(dim=-1, dtype=dtype)
+            valid = torch.isfinite(row_sum) & (row_sum > 0) & (rows.amin(dim=-1) >= 0)
+    num_invalid = None
+    if valid is not None:
+        num_invalid = (~valid if mask is None else ~valid & mask).sum()
+    if mask is not None:
+        # `where`, not a product: a masked row's NaN must not reach the sum.
+        perplexities = torch.where(mask, perplexities, 0.0)
+    return perplexities.sum(dtype=torch.float64), num_invalid
+
+
+def _logits_row_perplexities(
+    chunk: torch.Tensor, dtype: torch.dtype, with_max: bool = False
+) -> Any:
     row_max = chunk.amax(dim=-1, keepdim=True).to(dtype)
     # Entropy from the log-normaliser and the expected shifted logit, s = logits - max:
     # H = log Z - sum(exp(s) * s) / Z with Z = sum(exp(s)); every exp(s) <= 1, so nothing overflows.
@@ -132,14 +164,17 @@ def _logits_row_perplexities(chunk: torch.Tensor, dtype: torch.dtype) -> torch.T
     shifted = (chunk.to(dtype) - row_max).clamp(min=torch.finfo(dtype).min)
     weights = shifted.exp()
     normaliser = weights.sum(dim=-1)
-    return (normaliser.log() - (weights * shifted).sum(dim=-1) / normaliser).exp()
+    perplexities = (normaliser.log() - (weights * shifted).sum(dim=-1) / normaliser).exp()
+    return (perplexities, row_max[:, 0]) if with_max else perplexities
 
 
 def _probs_row_perplexities(chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     values = chunk.to(dtype)
     normalised = values / values.sum(dim=-1, keepdim=True)
-    # H = -sum(q log q) with q = probs / sum(probs); xlogy(0, 0) == 0 gives 0 log 0 == 0.
-    return (-torch.special.xlogy(normalised, normalised).sum(dim=-1)).exp()
+    # H = -sum(q log q) with q = probs / sum(probs); log 0 = -inf becomes the most negative
+    # finite number, so that 0 * log 0 == 0.
+    log_normalised = normalised.log().clamp(min=torch.finfo(dtype).min)
+    return (-(normalised * log_normalised).sum(dim=-1)).exp()
 
 
 def _eager_total(
