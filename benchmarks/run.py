@@ -47,6 +47,11 @@ TARGETS = {
 }
 
 
+# Equal element counts timed side by side still differ by a few percent from run to run: a half
+# precision time within this margin of the float32 time counts as "no slower".
+HALF_NOISE_MARGIN = 0.05
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -416,8 +421,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                     record(
                         f"half_over_float32_per_element:{half.split()[1]} {backend}",
                         ratio,
-                        ratio <= 1.0,
-                        f"{ratio:.2f}x the float32 time",
+                        ratio <= 1.0 + HALF_NOISE_MARGIN,
+                        f"{ratio:.2f}x the float32 time (met up to {1 + HALF_NOISE_MARGIN:.2f}x)",
                     )
     for entry in results.get("memory", []):
         if "peak_beyond_input_bytes" not in entry or entry["case"] in ("reference", "xla_floor"):
