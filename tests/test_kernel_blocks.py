@@ -186,3 +186,23 @@ def test_blocked_jax_jit_matches_reference(kind: str, dtype: str) -> None:
     per_slice = jax.vmap(lambda v: perplexity(**{kind: v}))(values.reshape(37, 1, 11))
     expected_rows = [reference_perplexity(**{kind: to_numpy(values[i : i + 1])}) for i in range(37)]
     np.testing.assert_allclose(np.asarray(per_slice), expected_rows, rtol=2e-5)
+
+
+def test_a_first_call_under_torch_compile_fullgraph_traces() -> None:
+    # In a fresh process, so that no earlier eager call has loaded the torch backend: loading it
+    # through importlib.import_module made TorchDynamo refuse the graph.
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from ppl.functional import perplexity\n"
+        "f = torch.compile(lambda x: perplexity(logits=x, validate_args=False),"
+        " fullgraph=True, backend='eager')\n"
+        "print(float(f(torch.zeros(2, 4))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip()) == 4.0
