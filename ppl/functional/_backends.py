@@ -7,7 +7,6 @@ backend module is imported on first use and cached.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from types import ModuleType
 from typing import Any
@@ -22,10 +21,18 @@ _loaded: dict[str, ModuleType] = {}
 def load(name: str) -> ModuleType:
     """Returns the backend module for `name`, one of `BACKEND_NAMES`."""
     module = _loaded.get(name)
-    if module is None:
-        module = importlib.import_module(f"ppl.functional._{name}")
-        _loaded[name] = module
-    return module
+    if module is not None:
+        return module
+    # Plain import statements, not `importlib.import_module`: TorchDynamo refuses to trace the
+    # latter, which broke a first call made under `torch.compile(fullgraph=True)`.
+    if name == "numpy":
+        from ppl.functional import _numpy as backend
+    elif name == "torch":
+        from ppl.functional import _torch as backend  # type: ignore[no-redef]
+    else:
+        from ppl.functional import _jax as backend  # type: ignore[no-redef]
+    _loaded[name] = backend
+    return backend
 
 
 def backend_for(x: Any, argument: str) -> ModuleType:

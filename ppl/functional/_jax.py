@@ -1,9 +1,11 @@
-"""The JAX backend: one jitted pass, a `fori_loop` over blocks of rows when the input is large.
+"""The JAX backend: one jitted `fori_loop` over blocks of rows.
 
-The loop reads each block with `dynamic_slice`, so no copy or padding of the input is made. The
-last block is shifted back to end at the last row and the rows it shares with the previous block
-are masked out. Without x64 the state is a compensated float32 sum and a two-word uint32 count
-(see `_state`); with x64 it is float64 and int64 as on the other backends.
+XLA fuses each row reduction with the elementwise work feeding it, so a block keeps only per-row
+values beyond its own copy: the loop reads each block with `dynamic_slice` (no padding of the
+input), which XLA on CPU copies out, so the block size bounds the memory beyond the input. The last
+block is shifted back to end at the last row and the rows it shares with the previous block are
+masked out. Without x64 the state is a compensated float32 sum and a two-word uint32 count (see
+`_state`); with x64 it is float64 and int64 as on the other backends.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from ppl.functional._validation import raise_first_invalid
 
 NAME = "jax"
 
-# Bytes of one full-size temporary of a block (XLA fuses most of them away); within 64 MiB.
-BLOCK_BYTES = 1 << 24
+# Bytes of one block of rows (as float32). XLA on CPU copies each block out of the input (the
+# dynamic slice) and, beyond some size, writes a full-size temporary of whatever it is given in one
+# piece (measured: none at 3072 x 32000 float32, one full copy at 4096 x 32000), so blocks are
+# needed for the memory budget; at 2 to 16 MiB they are also as fast as one pass over the whole.
+BLOCK_BYTES = 1 << 23
 
 
 def _x64() -> bool:
@@ -89,10 +94,11 @@ def accumulate(
     leading_shape = tuple(values.shape[:-1])
     vocab = values.shape[-1]
     dtype = compute_dtype(values.dtype)
-    block_rows = max(1, BLOCK_BYTES // (vocab * jnp.dtype(dtype).itemsize))
+    rows = values.reshape(-1, vocab)
+    num_rows = rows.shape[0]
+    block_rows = min(num_rows, max(1, BLOCK_BYTES // (vocab * jnp.dtype(dtype).itemsize)))
     sum_dtype, count_dtype = _state_dtypes()
 
-    rows = values.reshape(-1, vocab)
     flat_mask = None if mask is None else mask.reshape(-1)
     total, error, num_invalid = _accumulate_rows(
         rows, flat_mask, kind=kind, block_rows=block_rows, sum_dtype=sum_dtype
@@ -106,7 +112,6 @@ def accumulate(
         )
 
     if flat_mask is None:
-        num_rows = rows.shape[0]
         low_words = 2**32 if count_dtype == jnp.uint32 else 2**63
         count_low = jnp.asarray(num_rows % low_words, count_dtype)
         count_high = jnp.asarray(num_rows // low_words, count_dtype)
@@ -143,6 +148,10 @@ def _accumulate_rows(
         total, error, num_invalid = carry
         # The last block ends at the last row; its rows already counted are masked out.
         start = jnp.minimum(i * block_rows, num_rows - block_rows)
+        # Known shortfall: XLA on CPU has no bfloat16 dynamic slice and upcasts a bfloat16 loop
+        # operand to float32 as a whole before the loop (twice the input's size beyond it).
+        # Bitcasting to uint16 first is no cure: XLA on CPU copies the bitcast out as well.
+        # float16 and float32 are sliced as they are; GPUs slice bfloat16 natively.
         block = jax.lax.dynamic_slice_in_dim(rows, start, block_rows, axis=0)
         keep = start + jnp.arange(block_rows) >= i * block_rows
         if mask is not None:
@@ -159,18 +168,29 @@ def _logits_rows(block: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     row_max = block.max(axis=-1, keepdims=True).astype(dtype)
     # Entropy from the log-normaliser and the expected shifted logit, s = logits - max:
     # H = log Z - sum(exp(s) * s) / Z with Z = sum(exp(s)); every exp(s) <= 1, so nothing overflows.
-    shifted = block.astype(dtype) - row_max
+    normaliser = jnp.exp(block.astype(dtype) - row_max).sum(axis=-1)
+    # XLA would share `block - row_max` (and a half-precision block's upcast) between the two sums
+    # and so write it out full-size; behind the barrier each sum recomputes it inside its own
+    # fused pass, and nothing full-size is kept.
+    block, row_max = jax.lax.optimization_barrier((block, row_max))
     # -inf logits: the most negative finite s gives exp(s) == 0 and exp(s) * s == 0, not NaN.
-    shifted = jnp.maximum(shifted, jnp.finfo(dtype).min)
-    weights = jnp.exp(shifted)
-    normaliser = weights.sum(axis=-1)
-    entropy = jnp.log(normaliser) - (weights * shifted).sum(axis=-1) / normaliser
+    shifted = jnp.maximum(block.astype(dtype) - row_max, jnp.finfo(dtype).min)
+    weighted = (jnp.exp(shifted) * shifted).sum(axis=-1)
+    entropy = jnp.log(normaliser) - weighted / normaliser
     # A finite row maximum rules out NaN, +inf and rows of only -inf at once.
     return jnp.exp(entropy), jnp.isfinite(row_max[:, 0])
 
 
 def _probs_rows(block: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     row_sum = block.sum(axis=-1, keepdims=True, dtype=dtype)
+    # A finite, positive sum rules out NaN and +-inf; the minimum rules out negative entries.
+    # XLA treats subnormal numbers as zero, though not in every operation (a one-entry row's sum
+    # is its entry, unflushed, while the division flushes it): a sum of at least the smallest
+    # normal number is what guarantees a row that is not all zero to the arithmetic below.
+    total = row_sum[:, 0]
+    valid = jnp.isfinite(total) & (total >= jnp.finfo(dtype).tiny) & (block.min(axis=-1) >= 0)
+    # As for logits: the barrier keeps a half-precision block's upcast inside each fused pass.
+    block, row_sum = jax.lax.optimization_barrier((block, row_sum))
     # XLA divides by the sum as a multiplication by its reciprocal, which is subnormal (so zero on
     # XLA) for a sum above 2**126. Such rows are first scaled by 2**-64, exactly (a power of two):
     # q = (probs * c) / (sum * c) is still probs / sum.
@@ -182,13 +202,7 @@ def _probs_rows(block: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     entropy = -(normalised * log_normalised).sum(axis=-1)
     # A sum that overflows makes every q zero, and a negative sum (a row of negative entries)
     # makes every q positive: either is NaN, never a plausible value.
-    entropy = jnp.where(jnp.isfinite(row_sum[:, 0]) & (row_sum[:, 0] > 0), entropy, jnp.nan)
-    # A finite, positive sum rules out NaN and +-inf; the minimum rules out negative entries.
-    # XLA treats subnormal numbers as zero, though not in every operation (a one-entry row's sum
-    # is its entry, unflushed, while the division flushes it): a sum of at least the smallest
-    # normal number is what guarantees a row that is not all zero to the arithmetic below.
-    total = row_sum[:, 0]
-    valid = jnp.isfinite(total) & (total >= jnp.finfo(dtype).tiny) & (block.min(axis=-1) >= 0)
+    entropy = jnp.where(jnp.isfinite(total) & (total > 0), entropy, jnp.nan)
     return jnp.exp(entropy), valid
 
 

@@ -12,8 +12,8 @@ from ppl.functional._validation import raise_first_invalid
 
 NAME = "numpy"
 
-# Bytes of one full-size temporary of a block. Two such temporaries are live at once, so a block
-# costs at most twice this beyond its input; small enough to stay in a core's L2 cache.
+# Bytes of one full-size buffer of a block. Two such buffers are live at once, so a call costs at
+# most twice this beyond its input; small enough to stay in a core's L2 cache.
 BLOCK_BYTES = 1 << 19
 
 
@@ -79,12 +79,19 @@ def accumulate(
     block_rows = max(1, BLOCK_BYTES // (vocab * dtype.itemsize))
     row_perplexities = _logits_rows if kind == "logits" else _probs_rows
 
+    # Buffers for a block's temporaries, allocated once per call: fresh memory for every block
+    # would be paid for in page faults.
+    buffer_rows = min(block_rows, rows.shape[0])
+    buffers = (np.empty((buffer_rows, vocab), dtype), np.empty((buffer_rows, vocab), dtype))
+
     total = 0.0
     with np.errstate(all="ignore"):
         for start in range(0, rows.shape[0], block_rows):
             block = rows[start : start + block_rows]
             block_mask = None if flat_mask is None else flat_mask[start : start + block_rows]
-            perplexities, valid = row_perplexities(block, dtype, validate)
+            size = block.shape[0]
+            first, second = buffers[0][:size], buffers[1][:size]
+            perplexities, valid = row_perplexities(block, first, second, validate)
             if valid is not None and not _all_valid(valid, block_mask):
                 raise_first_invalid(
                     _blocks(rows, flat_mask, dtype, block_rows, start), kind, leading_shape
@@ -111,41 +118,53 @@ def _blocks(
 
 
 def _logits_rows(
-    block: np.ndarray, dtype: np.dtype, validate: bool
+    block: np.ndarray, shifted: np.ndarray, weights: np.ndarray, validate: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    row_max = block.max(axis=-1, keepdims=True)
+    if block.dtype == shifted.dtype:
+        row_max = block.max(axis=-1, keepdims=True)
+        np.subtract(block, row_max, out=shifted)
+    else:
+        # float16 is promoted into the buffer first: NumPy's float16 reductions are emulated and
+        # several times slower than the conversion.
+        np.copyto(shifted, block)
+        row_max = shifted.max(axis=-1, keepdims=True)
+        np.subtract(shifted, row_max, out=shifted)
     # Entropy from the log-normaliser and the expected shifted logit, s = logits - max:
     # H = log Z - sum(exp(s) * s) / Z with Z = sum(exp(s)); every exp(s) <= 1, so nothing overflows.
-    shifted = np.subtract(block, row_max, dtype=dtype)
     # -inf logits: the most negative finite s gives exp(s) == 0 and exp(s) * s == 0, not NaN.
-    np.maximum(shifted, np.finfo(dtype).min, out=shifted)
-    weights = np.exp(shifted)
+    np.maximum(shifted, np.finfo(shifted.dtype).min, out=shifted)
+    np.exp(shifted, out=weights)
     normaliser = weights.sum(axis=-1)
-    np.multiply(weights, shifted, out=shifted)
-    entropy = np.log(normaliser) - shifted.sum(axis=-1) / normaliser
+    np.multiply(weights, shifted, out=weights)
+    entropy = np.log(normaliser) - weights.sum(axis=-1) / normaliser
     # A finite row maximum rules out NaN, +inf and rows of only -inf at once.
     valid = np.isfinite(row_max[:, 0]) if validate else None
     return np.exp(entropy), valid
 
 
 def _probs_rows(
-    block: np.ndarray, dtype: np.dtype, validate: bool
+    block: np.ndarray, normalised: np.ndarray, log_normalised: np.ndarray, validate: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    row_sum = block.sum(axis=-1, keepdims=True, dtype=dtype)
-    normalised = np.divide(block, row_sum, dtype=dtype)
-    # H = -sum(q log q) with q = probs / sum(probs); log 0 = -inf becomes the most negative
-    # finite number, so that 0 * log 0 == 0.
-    log_normalised = np.log(normalised)
-    np.maximum(log_normalised, np.finfo(dtype).min, out=log_normalised)
-    np.multiply(log_normalised, normalised, out=log_normalised)
-    entropy = -log_normalised.sum(axis=-1)
-    # A sum that overflows makes every q zero, and a negative sum (a row of negative entries)
-    # makes every q positive: either is NaN, never a plausible value.
-    entropy = np.where(np.isfinite(row_sum[:, 0]) & (row_sum[:, 0] > 0), entropy, np.nan)
+    values = block
+    if block.dtype != normalised.dtype:
+        # float16 is promoted into the buffer first, as for logits.
+        np.copyto(normalised, block)
+        values = normalised
+    row_sum = values.sum(axis=-1, keepdims=True)
     valid = None
     if validate:
         # A finite, positive sum rules out NaN and +-inf (and an overflowing sum); the minimum
         # rules out negative entries.
         total = row_sum[:, 0]
-        valid = np.isfinite(total) & (total > 0) & (block.min(axis=-1) >= 0)
+        valid = np.isfinite(total) & (total > 0) & (values.min(axis=-1) >= 0)
+    np.divide(values, row_sum, out=normalised)
+    # H = -sum(q log q) with q = probs / sum(probs); log 0 = -inf becomes the most negative
+    # finite number, so that 0 * log 0 == 0.
+    np.log(normalised, out=log_normalised)
+    np.maximum(log_normalised, np.finfo(normalised.dtype).min, out=log_normalised)
+    np.multiply(log_normalised, normalised, out=log_normalised)
+    entropy = -log_normalised.sum(axis=-1)
+    # A sum that overflows makes every q zero, and a negative sum (a row of negative entries)
+    # makes every q positive: either is NaN, never a plausible value.
+    entropy = np.where(np.isfinite(row_sum[:, 0]) & (row_sum[:, 0] > 0), entropy, np.nan)
     return np.exp(entropy), valid
