@@ -545,6 +545,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     batch = results.get("batch")
@@ -553,6 +554,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         names = list(cases)
         axes[0].barh(names, [cases[n] * 1e3 for n in names], color="tab:blue")
         axes[0].set_xscale("log")
+        # Labelled minor ticks of a log axis that spans less than two decades overlap.
+        axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes[0].set_xlabel("ms per call (log)")
         axes[0].set_title(f"float32 logits {batch['shape'][0]} x {batch['shape'][1]}")
         axes[0].invert_yaxis()
