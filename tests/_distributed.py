@@ -8,6 +8,7 @@ deadline passes, and reaps them all before it returns or raises.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing
 import os
@@ -15,7 +16,7 @@ import pickle
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,31 @@ def run_in_processes(
     `worker` must be a module-level function of an importable module (children are spawned). A
     child that raises makes this raise `AssertionError` with the child's traceback.
     """
+    with spawned_group(world_size, worker, args) as (processes, outputs):
+        _wait(processes, outputs, time.monotonic() + timeout)
+        results = [_read(path) for path in outputs]
+
+    failures = [
+        f"rank {rank}: {result['error'] if result else 'no result (killed or crashed)'}"
+        for rank, result in enumerate(results)
+        if not result or "error" in result
+    ]
+    exit_codes = [process.exitcode for process in processes]
+    if failures:
+        raise AssertionError(
+            f"{len(failures)} of {world_size} processes failed (exit codes {exit_codes}):\n"
+            + "\n".join(failures)
+        )
+    return [result["ok"] for result in results]
+
+
+@contextlib.contextmanager
+def spawned_group(
+    world_size: int, worker: Callable[..., Any], args: tuple[Any, ...]
+) -> Iterator[tuple[list[Any], list[Path]]]:
+    """Starts `world_size` children of `_child` on a store at a free port; yields them and the
+    files their results go to. On leaving, every child still alive is killed, and all are reaped.
+    """
     context = multiprocessing.get_context("spawn")
     store = dist.TCPStore(
         "127.0.0.1",
@@ -64,28 +90,14 @@ def run_in_processes(
         try:
             for process in processes:
                 process.start()
-            _wait(processes, outputs, time.monotonic() + timeout)
+            yield processes, outputs
         finally:
             for process in processes:
                 if process.is_alive():
                     process.kill()
             for process in processes:
                 process.join(timeout=10)
-        results = [_read(path) for path in outputs]
     del store
-
-    failures = [
-        f"rank {rank}: {result['error'] if result else 'no result (killed or crashed)'}"
-        for rank, result in enumerate(results)
-        if not result or "error" in result
-    ]
-    exit_codes = [process.exitcode for process in processes]
-    if failures:
-        raise AssertionError(
-            f"{len(failures)} of {world_size} processes failed (exit codes {exit_codes}):\n"
-            + "\n".join(failures)
-        )
-    return [result["ok"] for result in results]
 
 
 def _wait(processes: list[Any], outputs: list[Path], deadline: float) -> None:

@@ -14,18 +14,13 @@ float64 reference.
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing
 import os
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 # How long a scenario's syncs wait for the others; the tests bound each sync's time by it.
 SYNC_TIMEOUT_S = 2.0
@@ -52,43 +47,14 @@ def run_with_faults(
     None for a rank that left no result (it died). Exit codes are None for a child still alive at
     the deadline (it is then killed).
     """
-    from _distributed import COLLECTIVE_TIMEOUT_S, _child, _read
+    from _distributed import _read, spawned_group
 
-    context = multiprocessing.get_context("spawn")
-    store = dist.TCPStore(
-        "127.0.0.1",
-        0,
-        world_size,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    with tempfile.TemporaryDirectory(prefix="ppl-faults-") as folder:
-        outputs = [Path(folder) / f"rank{rank}.pkl" for rank in range(world_size)]
-        processes = [
-            context.Process(
-                target=_child,
-                args=(rank, world_size, store.port, worker, args, str(outputs[rank])),
-                daemon=True,
-            )
-            for rank in range(world_size)
-        ]
+    with spawned_group(world_size, worker, args) as (processes, outputs):
         deadline = time.monotonic() + timeout
-        exit_codes: list[int | None] = []
-        try:
-            for process in processes:
-                process.start()
-            for process in processes:
-                process.join(timeout=max(0.0, deadline - time.monotonic()))
-            exit_codes = [process.exitcode for process in processes]
-        finally:
-            for process in processes:
-                if process.is_alive():
-                    process.kill()
-            for process in processes:
-                process.join(timeout=10)
+        for process in processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        exit_codes = [process.exitcode for process in processes]
         raw = [_read(path) for path in outputs]
-    del store
     results = [None if r is None else r.get("ok", r) for r in raw]
     return results, exit_codes
 
