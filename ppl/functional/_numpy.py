@@ -72,6 +72,8 @@ def accumulate(
     """Returns `(perplexities_sum, sum_error, count_low, count_high)` of the rows of `values`."""
     leading_shape = values.shape[:-1]
     vocab = values.shape[-1]
+    # Known shortfall: leading axes that cannot be flattened as a view (a transposed batch, say)
+    # are copied here once, whole; the block budget then holds beyond that copy only.
     rows = values.reshape(-1, vocab)
     flat_mask = None if mask is None else mask.reshape(-1)
     dtype = compute_dtype(values.dtype)

@@ -89,6 +89,8 @@ def accumulate(
     validate = validate and not compiling
     leading_shape = tuple(values.shape[:-1])
     vocab = values.shape[-1]
+    # Known shortfall: leading axes that cannot be flattened as a view (a transposed batch, say)
+    # are copied here once, whole; the block budget then holds beyond that copy only.
     rows = values.detach().reshape(-1, vocab)
     flat_mask = None if mask is None else mask.reshape(-1)
     dtype = compute_dtype(values.dtype)
