@@ -244,7 +244,8 @@ def bench_tiny(args: argparse.Namespace) -> dict[str, Any]:
     profile.disable()
     stats = pstats.Stats(profile)
     total = sum(entry[2] for entry in stats.stats.values())  # type: ignore[attr-defined]
-    top = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:12]  # type: ignore[attr-defined]
+    entries = stats.stats.items()  # type: ignore[attr-defined]
+    top = sorted(entries, key=lambda item: -item[1][2])[:12]
     where = [
         {
             "function": f"{Path(file).name}:{line}({name})",

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import pickle
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests._reliability import hypothesis_settings
+from tests._session import run_in_own_session
 from tests.reference import reference_row_perplexities
 
 torch = pytest.importorskip("torch")
@@ -199,26 +199,12 @@ LIGHTNING_TIMEOUT_S = 240
 
 def run_script(mode: str, folder: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    process = subprocess.Popen(
+    return run_in_own_session(
         [sys.executable, str(SCRIPT), mode, str(folder)],
         cwd=folder,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        timeout=LIGHTNING_TIMEOUT_S,
     )
-    try:
-        output, _ = process.communicate(timeout=LIGHTNING_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        output = "(timed out)"
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
-    return subprocess.CompletedProcess(process.args, process.returncode, output, None)
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _session import run_in_own_session
 from reference import reference_perplexity
 
 pytest.importorskip("lightning")
@@ -38,29 +37,16 @@ def run(tmp_path_factory):
     np.savez(folder / "data.npz", **data)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("MASTER_PORT", None)  # Lightning then picks a free port itself
-    process = subprocess.Popen(
+    # The launcher's child (rank 1) shares the session, so it is killed with the launcher.
+    result = run_in_own_session(
         [sys.executable, str(SCRIPT), str(folder / "data.npz"), str(folder)],
         cwd=folder,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        timeout=TIMEOUT_S,
     )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        output = ""
-    finally:
-        # The launcher's child (rank 1) shares the session: kill what is left of both.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
     ranks = [folder / f"rank{rank}.json" for rank in range(2)]
-    if process.returncode != 0 or not all(path.exists() for path in ranks):
-        pytest.fail(f"Lightning run failed (exit {process.returncode}):\n{output[-6000:]}")
+    if result.returncode != 0 or not all(path.exists() for path in ranks):
+        pytest.fail(f"Lightning run failed (exit {result.returncode}):\n{result.stdout[-6000:]}")
     return data, [json.loads(path.read_text()) for path in ranks]
 
 
