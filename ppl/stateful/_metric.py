@@ -130,7 +130,11 @@ class Perplexity(torch.nn.Module):
                 input, wrong shapes or dtypes, another device than the metric's, invalid values).
         """
         self._check_not_synced("update")
-        self._set_state(self._batch_state(probs, logits, mask, base=self.state))
+        self._set_state(
+            perplexity_state_update(
+                self.state, probs=probs, logits=logits, mask=mask, validate_args=self.validate_args
+            )
+        )
 
     def forward(
         self,
@@ -160,7 +164,14 @@ class Perplexity(torch.nn.Module):
             ppl.stateful.SyncError: the step's sync failed; the batch is not counted.
         """
         self._check_not_synced("forward")
-        batch = self._batch_state(probs, logits, mask, base=None)
+        # The core detaches the inputs and keeps no graph; the batch starts on the metric's device.
+        batch = perplexity_state_update(
+            perplexity_state_init(self.perplexities_sum),
+            probs=probs,
+            logits=logits,
+            mask=mask,
+            validate_args=self.validate_args,
+        )
         # Synced before it is merged, so that a failed sync leaves the state as it was.
         shown = batch
         if self.dist_sync_on_step:
@@ -247,18 +258,6 @@ class Perplexity(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"dist_sync_on_step={self.dist_sync_on_step}, validate_args={self.validate_args}"
 
-    def _batch_state(
-        self, probs: Any, logits: Any, mask: Any, base: PerplexityState | None
-    ) -> PerplexityState:
-        with torch.no_grad():
-            return perplexity_state_update(
-                base if base is not None else perplexity_state_init(self.perplexities_sum),
-                probs=_detach(probs),
-                logits=_detach(logits),
-                mask=mask,
-                validate_args=self.validate_args,
-            )
-
     def _check_not_synced(self, method: str) -> None:
         if self.is_synced:
             raise RuntimeError(
@@ -329,10 +328,6 @@ class Perplexity(torch.nn.Module):
         self._set_state(
             PerplexityState(*(loaded[name].detach().to(device, copy=True) for name in _FIELDS))
         )
-
-
-def _detach(x: Any) -> Any:
-    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def _moved(state: PerplexityState, fn: Callable[[torch.Tensor], torch.Tensor]) -> PerplexityState:

@@ -110,7 +110,15 @@ class TorchmetricsPerplexity(Metric):
             ValueError, TypeError: as `ppl.functional.perplexity_state_update`; the state is left
                 as it was.
         """
-        self._set_state(self._batch_state(probs, logits, mask, base=self._state()))
+        self._set_state(
+            perplexity_state_update(
+                self._state(),
+                probs=probs,
+                logits=logits,
+                mask=mask,
+                validate_args=self.validate_args,
+            )
+        )
 
     def forward(
         self,
@@ -135,7 +143,14 @@ class TorchmetricsPerplexity(Metric):
             raise TorchMetricsUserError(
                 "The Metric shouldn't be synced when performing ``forward``; call ``unsync`` first."
             )
-        batch = self._batch_state(probs, logits, mask, base=None)
+        # The core detaches the inputs and keeps no graph; the batch starts on the metric's device.
+        batch = perplexity_state_update(
+            perplexity_state_init(self.perplexities_sum),
+            probs=probs,
+            logits=logits,
+            mask=mask,
+            validate_args=self.validate_args,
+        )
         shown = batch
         if self.dist_sync_on_step and _distributed():
             shown = sync_state(batch, self.process_group, timeout=self.sync_timeout)
@@ -158,20 +173,6 @@ class TorchmetricsPerplexity(Metric):
             # One more frame than `Perplexity`: torchmetrics wraps `compute`.
             _warn_empty("TorchmetricsPerplexity", stacklevel=4)
         return perplexity_compute(state)
-
-    def _batch_state(
-        self, probs: Any, logits: Any, mask: Any, base: PerplexityState | None
-    ) -> PerplexityState:
-        if base is None:
-            base = perplexity_state_init(self.perplexities_sum)
-        with torch.no_grad():
-            return perplexity_state_update(
-                base,
-                probs=probs.detach() if isinstance(probs, torch.Tensor) else probs,
-                logits=logits.detach() if isinstance(logits, torch.Tensor) else logits,
-                mask=mask,
-                validate_args=self.validate_args,
-            )
 
     def _state(self) -> PerplexityState:
         return PerplexityState(*(getattr(self, name) for name in _FIELDS))
